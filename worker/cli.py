@@ -1,0 +1,212 @@
+"""The ``convstats`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from worker import stack
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+def _settings() -> Any:
+    # Imported late so that `convstats stack ...` works before the Python
+    # dependencies of the worker are even importable.
+    from worker import settings
+
+    return settings.Settings()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    envvar="CONVSTATS_LOG_LEVEL",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--log-format",
+    envvar="CONVSTATS_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+)
+def main(log_level: str, log_format: str) -> None:
+    """Keeps chat conversation statistics exact from a stream of messages."""
+    from worker import logs
+
+    logs.setup(log_level, log_format)
+
+
+# --- local services -------------------------------------------------------------
+
+
+@main.group("stack")
+def stack_group() -> None:
+    """Local PostgreSQL and Kafka for development and tests (no Docker needed)."""
+
+
+@stack_group.command("up")
+def stack_up() -> None:
+    """Start both services (installing and formatting on first use)."""
+    env = _stack_call(stack.up)
+    click.echo(stack.export_lines(env))
+
+
+@stack_group.command("down")
+def stack_down() -> None:
+    """Stop both services; their data is kept."""
+    _stack_call(stack.down)
+
+
+@stack_group.command("status")
+def stack_status() -> None:
+    for service, state in _stack_call(stack.status).items():
+        click.echo(f"{service:<12} {state}")
+
+
+@stack_group.command("env")
+def stack_env() -> None:
+    """Print export lines for the settings that point at the local services."""
+    click.echo(stack.export_lines(_stack_call(stack.env)))
+
+
+def _stack_call(fn: Any) -> Any:
+    try:
+        return fn()
+    except stack.StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _ensure_services() -> None:
+    """Starts the local stack unless the environment names other services."""
+    if os.environ.get("CONVSTATS_DATABASE_URL") is None:
+        env = _stack_call(stack.up)
+        os.environ["CONVSTATS_DATABASE_URL"] = env.database_url
+        os.environ["CONVSTATS_KAFKA_BOOTSTRAP_SERVERS"] = env.kafka_bootstrap_servers
+
+
+# --- schema ---------------------------------------------------------------------
+
+
+@main.group("migrate", invoke_without_command=True)
+@click.pass_context
+def migrate_group(ctx: click.Context) -> None:
+    """Bring the schema to the latest version (or see: down, status)."""
+    if ctx.invoked_subcommand is None:
+        _migrate(None)
+
+
+@migrate_group.command("up")
+def migrate_up() -> None:
+    """Apply every pending migration."""
+    _migrate(None)
+
+
+@migrate_group.command("down")
+@click.argument("version", type=int)
+def migrate_down(version: int) -> None:
+    """Roll back to VERSION (0 removes everything)."""
+    _migrate(version)
+
+
+@migrate_group.command("status")
+def migrate_status() -> None:
+    from worker import db, migrations
+
+    async def status() -> list[migrations.MigrationState]:
+        conn = await db.connect(_settings())
+        try:
+            return await migrations.status(conn)
+        finally:
+            await conn.close()
+
+    for state in _run(status()):
+        when = state.applied_at.isoformat() if state.applied_at else "pending"
+        m = state.migration
+        click.echo(f"{m.version:04d}  {m.name:<28} {when}")
+
+
+def _migrate(target: int | None) -> None:
+    from worker import db, migrations
+
+    async def migrate() -> list[str]:
+        conn = await db.connect(_settings())
+        try:
+            return await migrations.migrate(conn, target)
+        finally:
+            await conn.close()
+
+    try:
+        done = _run(migrate())
+    except migrations.MigrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("\n".join(done) if done else "schema is up to date")
+
+
+# --- the worker -----------------------------------------------------------------
+
+
+@main.command("run")
+@click.option("--group", help="Consumer group (default: CONVSTATS_CONSUMER_GROUP).")
+def run_command(group: str | None) -> None:
+    """Consume message-created and publish conversation-updated until stopped."""
+    from worker import service
+
+    async def run() -> None:
+        async with service.started(_settings(), group_id=group) as svc:
+            await service.run(svc)
+
+    _run(run())
+
+
+@main.command("demo")
+def demo_command() -> None:
+    """The whole chat corpus end to end: load, apply, publish, summarise.
+
+    Starts the local stack unless CONVSTATS_DATABASE_URL names a database. Running it
+    again replays the corpus: nothing changes and nothing is published.
+    """
+    _ensure_services()
+    from worker import demo
+
+    summary = demo.run(_settings())
+    click.echo("\n".join(summary.lines()))
+
+
+@main.command("verify")
+def verify_command() -> None:
+    """Recompute every conversation's stats from the ledger; exit 1 on drift."""
+    from worker import db, verify
+
+    async def check() -> list[verify.Drift]:
+        pool = await db.create_pool(_settings())
+        try:
+            return await verify.drift(pool)
+        finally:
+            await pool.close()
+
+    found = _run(check())
+    for item in found:
+        click.echo(
+            f"{item.conversation_id}  {item.field}: stored {item.stored!r}, "
+            f"ledger says {item.expected!r}"
+        )
+    if found:
+        click.echo(f"drift in {len({i.conversation_id for i in found})} conversations")
+        sys.exit(1)
+    click.echo("no drift")

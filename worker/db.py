@@ -1,0 +1,59 @@
+"""Connections and the named queries of ``queries.sql``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+
+import asyncpg
+
+from worker import settings as settings_module
+
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@functools.cache
+def queries() -> dict[str, str]:
+    """Every named query of queries.sql, read once per process."""
+    text = (pathlib.Path(__file__).parent / "queries.sql").read_text()
+    parts = _QUERY_HEADER.split(text)
+    return {
+        name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Text codecs for jsonb so that payloads pass through as the JSON the database
+    # built, and every instant is handled in UTC whatever the server's TimeZone.
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: v, decoder=lambda v: v, schema="pg_catalog"
+    )
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def create_pool(
+    cfg: settings_module.Settings, *, min_size: int = 1, max_size: int | None = None
+) -> asyncpg.Pool:
+    timeout_ms = int(cfg.db_statement_timeout_s * 1000)
+    pool = await asyncpg.create_pool(
+        cfg.database_url,
+        min_size=min_size,
+        max_size=max_size or cfg.db_pool_size,
+        init=_init_connection,
+        command_timeout=cfg.db_statement_timeout_s + 5,
+        server_settings={"statement_timeout": str(timeout_ms)},
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect(cfg: settings_module.Settings) -> asyncpg.Connection:
+    conn = await asyncpg.connect(cfg.database_url)
+    await _init_connection(conn)
+    return conn
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
