@@ -1,4 +1,4 @@
-"""Connections and the named queries of ``queries.sql``."""
+"""Connections and the named queries of ``worker/queries/*.sql``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 @functools.cache
 def queries() -> dict[str, str]:
-    """Every named query of queries.sql, read once per process."""
-    text = (pathlib.Path(__file__).parent / "queries.sql").read_text()
-    parts = _QUERY_HEADER.split(text)
-    return {
-        name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)
-    }
+    """Every named query of the query files, read once per process."""
+    found: dict[str, str] = {}
+    for path in sorted((pathlib.Path(__file__).parent / "queries").glob("*.sql")):
+        parts = _QUERY_HEADER.split(path.read_text())
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise ValueError(f"query {name} is defined twice ({path.name})")
+            found[name] = body.strip()
+    return found
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -1,5 +1,5 @@
--- Named queries used by the worker and its tools. Each starts with "-- name: NAME"
--- and runs until the next one; worker.db loads them once into a dict.
+-- Named queries of the worker. In every file of this folder a query starts with
+-- "-- name: NAME" and runs until the next one; worker.db loads them into one dict.
 
 -- name: apply_messages
 SELECT message_id, outcome
