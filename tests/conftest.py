@@ -88,7 +88,9 @@ async def template_database(services: Services) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def database_url(services: Services, template_database: str) -> AsyncIterator[str]:
+async def database_url(
+    services: Services, template_database: str
+) -> AsyncIterator[str]:
     name = f"convstats_test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(services.database_url)
     try:

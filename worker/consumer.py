@@ -18,7 +18,7 @@ import aiokafka
 import aiokafka.errors
 import asyncpg
 
-from worker import apply, metrics, pipeline
+from worker import apply, metrics, pipeline, waiting
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -138,12 +138,9 @@ class Consumer:
                 )
             # Waiting on the stop event lets a shutdown interrupt the backoff; the
             # batch is then abandoned uncommitted and redelivered to whoever is next.
-            try:
-                await asyncio.wait_for(stop.wait(), backoff_s)
-            except TimeoutError:
-                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_MAX_S)
-            else:
+            if await waiting.until_stopped(stop, backoff_s):
                 raise Stopped("stopped while retrying a batch")
+            backoff_s = min(backoff_s * 2, RETRY_BACKOFF_MAX_S)
 
     async def _commit(self, records: list[pipeline.Record]) -> None:
         offsets: dict[aiokafka.TopicPartition, int] = {}

@@ -10,6 +10,8 @@ ones; created_at is the corpus timestamp in UTC.
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +23,11 @@ Event = dict[str, Any]
 
 def load() -> dict[str, Any]:
     """The raw corpus: conversation key -> {"messages": [[turn], ...], ...}."""
-    return dict(chitchat_dataset.Dataset())
+    # Read the package's file directly: its own loader leaves the file open.
+    source = importlib.resources.files(chitchat_dataset) / "dataset.json"
+    with source.open("rb") as stream:
+        data: dict[str, Any] = json.load(stream)
+    return data
 
 
 def _messages(conversation: dict[str, Any]) -> list[dict[str, str]]:

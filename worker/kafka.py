@@ -133,8 +133,31 @@ def _dead_letter_headers(
     return [(HEADER_PREFIX + name, value.encode()) for name, value in fields.items()]
 
 
+async def topic_partitions(
+    cfg: settings_module.Settings, topic: str
+) -> list[aiokafka.TopicPartition]:
+    """The partitions of ``topic`` as the broker reports them now (none if absent)."""
+    admin = aiokafka.admin.AIOKafkaAdminClient(
+        bootstrap_servers=cfg.kafka_bootstrap_servers
+    )
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(
+        aiokafka.TopicPartition(topic, p["partition"])
+        for t in described
+        if t["error_code"] == 0
+        for p in t["partitions"]
+    )
+
+
 async def group_lag(cfg: settings_module.Settings, group_id: str, topic: str) -> int:
     """Records of ``topic`` that ``group_id`` has not committed yet."""
+    tps = await topic_partitions(cfg, topic)
+    if not tps:
+        return 0
     probe = aiokafka.AIOKafkaConsumer(
         bootstrap_servers=cfg.kafka_bootstrap_servers,
         group_id=group_id,
@@ -142,12 +165,6 @@ async def group_lag(cfg: settings_module.Settings, group_id: str, topic: str) ->
     )
     await probe.start()
     try:
-        # Metadata is fetched lazily; asking for the topic list loads it.
-        await probe.topics()
-        partitions = probe.partitions_for_topic(topic) or set()
-        tps = [aiokafka.TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return 0
         ends = await probe.end_offsets(tps)
         lag = 0
         for tp in tps:

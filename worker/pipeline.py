@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import logging
@@ -11,7 +12,7 @@ from typing import Protocol
 
 import asyncpg
 
-from worker import apply, events
+from worker import apply, db, events
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Tally:
     applied: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    parked: int = 0
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, other: Tally) -> None:
@@ -44,6 +46,7 @@ class Tally:
         self.applied += other.applied
         self.duplicates += other.duplicates
         self.dead_lettered += other.dead_lettered
+        self.parked += other.parked
         for reason, count in other.reasons.items():
             self.reasons[reason] = self.reasons.get(reason, 0) + count
 
@@ -57,7 +60,6 @@ _REJECTED_OUTCOMES = {
     apply.Outcome.CONFLICT: events.Reason.MESSAGE_ID_CONFLICT,
     apply.Outcome.FOREIGN_USER: events.Reason.FOREIGN_USER,
     apply.Outcome.DELETED: events.Reason.CONVERSATION_DELETED,
-    apply.Outcome.UNKNOWN_USER: events.Reason.UNKNOWN_USER,
 }
 
 _OUTCOME_DETAILS = {
@@ -65,8 +67,17 @@ _OUTCOME_DETAILS = {
     "conversation; the first one wins",
     apply.Outcome.FOREIGN_USER: "the conversation belongs to another user",
     apply.Outcome.DELETED: "the conversation is deleted",
-    apply.Outcome.UNKNOWN_USER: "user_id is not in users",
 }
+
+# A message waiting for its user: the record it came in, parsed.
+Waiting = tuple[Record, events.Message]
+
+
+@dataclasses.dataclass
+class Resolution:
+    tally: Tally
+    rejected: list[tuple[Record, events.Rejection]]
+    waiting: list[Waiting]
 
 
 def _utc_now() -> datetime.datetime:
@@ -88,25 +99,32 @@ class Pipeline:
         self._clock = clock
 
     async def process(self, records: Sequence[Record]) -> Tally:
-        """Applies a batch; returns once every record is applied or dead-lettered.
-
-        Only after this returns may the caller commit the batch's offsets.
+        """Applies a batch; returns once every record is applied, parked or
+        dead-lettered. Only then may the caller commit the batch's offsets.
         """
-        tally = Tally(consumed=len(records))
-        rejected: list[tuple[Record, events.Rejection]] = []
+        resolution = await self.resolve(records)
+        if resolution.waiting:
+            await park(self._pool, resolution.waiting)
+            resolution.tally.parked = len(resolution.waiting)
+        await self.dead_letter(resolution)
+        return resolution.tally
 
-        unique, duplicates = self._parse_and_combine(records, rejected)
-        tally.duplicates += duplicates
-
+    async def resolve(self, records: Sequence[Record]) -> Resolution:
+        """Applies what can be applied and sorts out the rest, sending nothing."""
+        resolution = Resolution(Tally(consumed=len(records)), [], [])
+        unique, duplicates = self._parse_and_combine(records, resolution.rejected)
+        resolution.tally.duplicates += duplicates
         if unique:
-            await self._apply(unique, rejected, tally)
+            await self._apply(unique, resolution)
+        return resolution
 
-        if rejected:
-            await self._dead_letters.send(rejected)
-        tally.dead_lettered = len(rejected)
-        for _, rejection in rejected:
+    async def dead_letter(self, resolution: Resolution) -> None:
+        if resolution.rejected:
+            await self._dead_letters.send(resolution.rejected)
+        tally = resolution.tally
+        tally.dead_lettered += len(resolution.rejected)
+        for _, rejection in resolution.rejected:
             tally.reasons[rejection.reason] = tally.reasons.get(rejection.reason, 0) + 1
-        return tally
 
     def _parse_and_combine(
         self,
@@ -138,8 +156,7 @@ class Pipeline:
     async def _apply(
         self,
         unique: dict[uuid.UUID, tuple[Record, events.Message]],
-        rejected: list[tuple[Record, events.Rejection]],
-        tally: Tally,
+        resolution: Resolution,
     ) -> None:
         messages = [message for _, message in unique.values()]
         outcomes, failed = await apply.apply_isolating(self._pool, messages)
@@ -147,18 +164,51 @@ class Pipeline:
         for message, error in failed:
             record = unique[message.event.message_id][0]
             rejection = events.Rejection(events.Reason.DATABASE_ERROR, error)
-            rejected.append((record, rejection))
+            resolution.rejected.append((record, rejection))
 
         for message_id, outcome in outcomes.items():
             if outcome is apply.Outcome.APPLIED:
-                tally.applied += 1
+                resolution.tally.applied += 1
             elif outcome is apply.Outcome.DUPLICATE:
-                tally.duplicates += 1
+                resolution.tally.duplicates += 1
+            elif outcome is apply.Outcome.UNKNOWN_USER:
+                resolution.waiting.append(unique[message_id])
             else:
                 rejection = events.Rejection(
                     _REJECTED_OUTCOMES[outcome], _OUTCOME_DETAILS[outcome]
                 )
-                rejected.append((unique[message_id][0], rejection))
+                resolution.rejected.append((unique[message_id][0], rejection))
+
+
+async def park(pool: asyncpg.Pool, waiting: Sequence[Waiting]) -> None:
+    """Stores messages whose user does not exist yet, with their original record."""
+    await pool.executemany(
+        db.queries()["park"],
+        [
+            (
+                message.event.message_id,
+                message.event.conversation_id,
+                message.event.user_id,
+                record.topic,
+                record.partition,
+                record.offset,
+                record.key,
+                record.value,
+                db.dumps(
+                    [
+                        [name, base64.b64encode(value).decode()]
+                        for name, value in record.headers
+                    ]
+                ),
+            )
+            for record, message in waiting
+        ],
+    )
+    logger.info(
+        "parked %d messages until their users exist",
+        len(waiting),
+        extra={"action": "messages_parked", "size": len(waiting)},
+    )
 
 
 def _conflict(first: Record) -> events.Rejection:

@@ -9,7 +9,6 @@ transaction that took an id early and commits late is still picked up next round
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -19,7 +18,7 @@ import aiokafka
 import aiokafka.errors
 import asyncpg
 
-from worker import apply, db, metrics
+from worker import apply, db, metrics, waiting
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class Relay:
                     backoff_s,
                     extra={"action": "relay_retry"},
                 )
-                await _wait(stop, backoff_s)
+                await waiting.until_stopped(stop, backoff_s)
                 backoff_s = min(backoff_s * 2, RETRY_BACKOFF_MAX_S)
             else:
                 backoff_s = RETRY_BACKOFF_MIN_S
@@ -91,7 +90,7 @@ class Relay:
                 self.leading = True
                 logger.info("relay is publishing", extra={"action": "relay_leading"})
                 return
-            await _wait(stop, self._cfg.relay_poll_interval_s)
+            await waiting.until_stopped(stop, self._cfg.relay_poll_interval_s)
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
@@ -187,8 +186,3 @@ def _coalesce(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
             event["changed_fields"] = sorted(fields)
         latest[row["conversation_id"]] = event
     return list(latest.values())
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiokafka
 import asyncpg
 
-from worker import consumer, db, http, kafka, pipeline, relay
+from worker import consumer, db, http, kafka, parking, pipeline, relay
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class Service:
     producer: aiokafka.AIOKafkaProducer
     consumer: consumer.Consumer
     relay: relay.Relay
+    parking: parking.Parking
     stop: asyncio.Event
 
     async def ready(self) -> dict[str, bool]:
@@ -60,6 +61,7 @@ async def started(
             producer=producer,
             consumer=consumer.Consumer(cfg, pipe, group_id=group_id),
             relay=relay.Relay(cfg, pool, producer),
+            parking=parking.Parking(cfg, pool, pipe),
             stop=asyncio.Event(),
         )
     finally:
@@ -84,6 +86,7 @@ async def run(
     tasks = [
         asyncio.create_task(service.consumer.run(service.stop), name="consumer"),
         asyncio.create_task(service.relay.run(service.stop), name="relay"),
+        asyncio.create_task(service.parking.run(service.stop), name="parking"),
     ]
     if until is not None:
         tasks.append(asyncio.create_task(_watch(service, until), name="until"))
@@ -113,6 +116,14 @@ async def _supervise(service: Service, tasks: list[asyncio.Task[None]]) -> None:
     for task in done | pending:
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+
+async def drained(service: Service) -> bool:
+    """True once every record is committed and every outbox row published."""
+    if service.consumer.lag != 0 or not service.relay.leading:
+        return False
+    backlog: int = await service.pool.fetchval(db.queries()["outbox_unpublished"])
+    return backlog == 0
 
 
 async def _watch(service: Service, until: Callable[[Service], Awaitable[bool]]) -> None:

@@ -64,3 +64,27 @@ WHERE c.message_count IS DISTINCT FROM coalesce(t.message_count, 0)
    OR (c.title_source = 'auto' AND c.title IS DISTINCT FROM convstats_auto_title(c.id))
 ORDER BY c.id
 LIMIT $1
+
+-- name: park
+INSERT INTO convstats_parked_messages
+    (message_id, conversation_id, user_id, source_topic, source_partition,
+     source_offset, record_key, record_value, record_headers)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (message_id) DO NOTHING
+
+-- name: due_parked
+SELECT message_id, parked_at, attempts, source_topic, source_partition,
+       source_offset, record_key, record_value, record_headers::text AS record_headers
+FROM convstats_parked_messages
+WHERE next_attempt_at <= now()
+ORDER BY next_attempt_at
+LIMIT $1
+
+-- name: unpark
+DELETE FROM convstats_parked_messages WHERE message_id = ANY ($1::uuid[])
+
+-- name: postpone_parked
+UPDATE convstats_parked_messages
+SET attempts = attempts + 1,
+    next_attempt_at = now() + make_interval(secs => least(30, 2 ^ attempts))
+WHERE message_id = ANY ($1::uuid[])

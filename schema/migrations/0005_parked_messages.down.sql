@@ -1,0 +1,1 @@
+DROP TABLE convstats_parked_messages;
