@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: events, producing, reading topics, running the worker."""
+"""Shared test helpers: events, producing, reading topics, running the worker."""
 
 from __future__ import annotations
 

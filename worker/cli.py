@@ -188,6 +188,20 @@ def demo_command() -> None:
     click.echo("\n".join(summary.lines()))
 
 
+@main.command("schemas")
+@click.option("--write", is_flag=True, help="Regenerate the files under schema/events.")
+def schemas_command(write: bool) -> None:
+    """Print (or --write) the JSON Schema of each event type."""
+    from worker import schemas
+
+    if write:
+        for path in schemas.write():
+            click.echo(f"wrote {path}")
+        return
+    for name, text in schemas.generate().items():
+        click.echo(f"# {name}\n{text}")
+
+
 @main.command("verify")
 def verify_command() -> None:
     """Recompute every conversation's stats from the ledger; exit 1 on drift."""

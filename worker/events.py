@@ -46,6 +46,10 @@ class Reason(enum.StrEnum):
     DATABASE_ERROR = "database_error"
 
 
+def _field(description: str, default: Any = ...) -> Any:
+    return pydantic.Field(default, description=description)
+
+
 class ContextData(pydantic.BaseModel):
     """Trading context attached to a conversation when it is created.
 
@@ -68,14 +72,20 @@ class MessageCreated(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="ignore", frozen=True, strict=True)
 
-    message_id: uuid.UUID
-    conversation_id: uuid.UUID
-    user_id: uuid.UUID
-    type: MessageType
-    content: str
-    created_at: pydantic.AwareDatetime
-    mode: Mode | None = None
-    context_data: ContextData | None = None
+    message_id: uuid.UUID = _field("Identity of the message; the key of idempotence.")
+    conversation_id: uuid.UUID = _field("The conversation the message belongs to.")
+    user_id: uuid.UUID = _field("The user who owns the conversation.")
+    type: MessageType = _field("Who wrote it: the trader, the coach, or the system.")
+    content: str = _field("The text; may be empty.")
+    created_at: pydantic.AwareDatetime = _field(
+        "When it was written: RFC 3339 with a UTC offset."
+    )
+    mode: Mode | None = _field(
+        "Used only when the conversation is created; default analysis.", None
+    )
+    context_data: ContextData | None = _field(
+        "Used only when the conversation is created; default {}.", None
+    )
 
 
 class ConversationUpdated(pydantic.BaseModel):
@@ -87,21 +97,21 @@ class ConversationUpdated(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="allow")
 
-    event_id: uuid.UUID
-    conversation_id: uuid.UUID
-    user_id: uuid.UUID
-    version: int
-    title: str | None
-    title_source: Literal["auto", "user"]
-    mode: Mode
-    status: Status
-    context_data: dict[str, Any]
-    message_count: int
-    last_message_at: datetime.datetime | None
-    created_at: datetime.datetime
-    updated_at: datetime.datetime
-    archived_at: datetime.datetime | None
-    changed_fields: list[str]
+    event_id: uuid.UUID = _field("The same on every re-send of this change.")
+    conversation_id: uuid.UUID = _field("Also the record key.")
+    user_id: uuid.UUID = _field("Owner of the conversation.")
+    version: int = _field("Strictly increasing per conversation; keep the highest.")
+    title: str | None = _field("Auto title or the one a person set; may be null.")
+    title_source: Literal["auto", "user"] = _field("Who set the title.")
+    mode: Mode = _field("Coaching mode.")
+    status: Status = _field("active, archived, or deleted (final).")
+    context_data: dict[str, Any] = _field("Trading context of the conversation.")
+    message_count: int = _field("Distinct messages applied, all types.")
+    last_message_at: datetime.datetime | None = _field("Latest message time, UTC.")
+    created_at: datetime.datetime = _field("Never later than the earliest message.")
+    updated_at: datetime.datetime = _field("Time of the last effective change.")
+    archived_at: datetime.datetime | None = _field("Set while status is archived.")
+    changed_fields: list[str] = _field("Fields this change altered.")
 
 
 @dataclasses.dataclass(frozen=True)
