@@ -8,6 +8,7 @@ when and how many effective changes happened, which depends on the batching.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from typing import Any
 
@@ -84,7 +85,7 @@ async def _snapshot(pool: asyncpg.Pool) -> list[asyncpg.Record]:
 
 def _batches(values: list[dict[str, Any]], cuts: list[int]) -> list[list[Any]]:
     edges = [0, *cuts, len(values)]
-    return [values[a:b] for a, b in zip(edges, edges[1:], strict=False) if a < b]
+    return [values[a:b] for a, b in itertools.pairwise(edges) if a < b]
 
 
 @settings(
