@@ -171,7 +171,13 @@ def run_command(group: str | None) -> None:
         async with service.started(_settings(), group_id=group) as svc:
             await service.run(svc)
 
-    _run(run())
+    try:
+        _run(run())
+    except Exception:
+        # Exit non-zero so the supervisor restarts the worker: uncommitted work is
+        # redelivered, and the restart is visible instead of a silent stall.
+        logger.exception("worker failed", extra={"action": "worker_failed"})
+        sys.exit(1)
 
 
 @main.command("demo")
@@ -224,3 +230,8 @@ def verify_command() -> None:
         click.echo(f"drift in {len({i.conversation_id for i in found})} conversations")
         sys.exit(1)
     click.echo("no drift")
+
+
+from worker import cli_conversations  # noqa: E402
+
+main.add_command(cli_conversations.conversations)

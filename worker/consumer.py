@@ -18,7 +18,7 @@ import aiokafka
 import aiokafka.errors
 import asyncpg
 
-from worker import apply, metrics, pipeline, waiting
+from worker import apply, faults, metrics, pipeline, waiting
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,10 @@ class Consumer:
     ) -> None:
         started = time.perf_counter()
         tally = await self._process_with_retry(records, stop)
+        faults.point(faults.AFTER_APPLY)
         applied = time.perf_counter()
         await self._commit(records)
+        faults.point(faults.AFTER_COMMIT)
 
         committed = time.perf_counter()
         self.seconds["apply"] += applied - started

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import asyncpg
 
-from worker import apply, db, events
+from worker import apply, db, events, faults
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Pipeline:
         dead-lettered. Only then may the caller commit the batch's offsets.
         """
         resolution = await self.resolve(records)
+        faults.point(faults.RAISE_IN_APPLY)
         if resolution.waiting:
             await park(self._pool, resolution.waiting)
             resolution.tally.parked = len(resolution.waiting)

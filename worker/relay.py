@@ -18,7 +18,7 @@ import aiokafka
 import aiokafka.errors
 import asyncpg
 
-from worker import apply, db, metrics, waiting
+from worker import apply, db, faults, metrics, waiting
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ class Relay:
         ]
         for future in futures:
             await future
+        faults.point(faults.AFTER_PUBLISH)
 
         await self._pool.execute(
             db.queries()["mark_published"], [row["id"] for row in rows]

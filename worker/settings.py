@@ -57,3 +57,13 @@ class Settings(pydantic_settings.BaseSettings):
     http_port: int = pydantic.Field(default=9108, ge=0, le=65535)
 
     shutdown_timeout_s: float = pydantic.Field(default=30.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _statement_timeout_below_poll_interval(self) -> Settings:
+        # A statement that may outlast the poll interval gets this member evicted,
+        # its batch redelivered to another member, which blocks on the same rows.
+        if self.db_statement_timeout_s * 1000 >= self.max_poll_interval_ms / 2:
+            raise ValueError(
+                "db_statement_timeout_s must be under half of max_poll_interval_ms"
+            )
+        return self
