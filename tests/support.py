@@ -100,24 +100,7 @@ async def run_until_drained(
 async def read_topic(
     cfg: settings_module.Settings, topic: str
 ) -> list[aiokafka.ConsumerRecord[bytes, bytes]]:
-    """Every record currently in ``topic``, in partition then offset order."""
-    tps = await kafka.topic_partitions(cfg, topic)
-    reader = aiokafka.AIOKafkaConsumer(
-        bootstrap_servers=cfg.kafka_bootstrap_servers, enable_auto_commit=False
-    )
-    await reader.start()
-    try:
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
-        found: list[aiokafka.ConsumerRecord[bytes, bytes]] = []
-        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-            batch = await reader.getmany(timeout_ms=1000)
-            for messages in batch.values():
-                found.extend(messages)
-        return sorted(found, key=lambda r: (r.partition, r.offset))
-    finally:
-        await reader.stop()
+    return await kafka.read_all(cfg, topic)
 
 
 async def conversation_rows(pool: asyncpg.Pool) -> dict[uuid.UUID, dict[str, Any]]:

@@ -194,6 +194,68 @@ def demo_command() -> None:
     click.echo("\n".join(summary.lines()))
 
 
+@main.group("dlq")
+def dlq_group() -> None:
+    """Inspect dead letters and send chosen ones back after a fix."""
+
+
+@dlq_group.command("list")
+@click.option("--reason", help="Only letters with this reason, e.g. not_json.")
+def dlq_list(reason: str | None) -> None:
+    """One line per dead letter: position, reason, source, detail."""
+    from worker import dlq
+
+    letters = dlq.select(_run(dlq.read(_settings())), reason=reason)
+    for letter in letters:
+        source = (
+            f"{letter.meta('source_topic')}[{letter.meta('source_partition')}]"
+            f"@{letter.meta('source_offset')}"
+        )
+        click.echo(
+            f"{letter.position:<12} {letter.meta('reason'):<24} {source:<32} "
+            f"{letter.meta('detail')[:80]}"
+        )
+    click.echo(f"{len(letters)} dead letters")
+
+
+@dlq_group.command("show")
+@click.argument("position")
+def dlq_show(position: str) -> None:
+    """Headers and value of the letter at POSITION (partition:offset)."""
+    from worker import dlq
+
+    found = dlq.select(_run(dlq.read(_settings())), positions=[position])
+    if not found:
+        raise click.ClickException(f"no dead letter at {position}")
+    letter = found[0]
+    click.echo(f"position  {letter.position}")
+    click.echo(f"key       {letter.key!r}")
+    for name, value in letter.headers:
+        click.echo(f"header    {name}: {value.decode('utf-8', 'replace')}")
+    value = letter.value or b""
+    click.echo(f"value     ({len(value):,} bytes)")
+    click.echo(value.decode("utf-8", "backslashreplace"))
+
+
+@dlq_group.command("redrive")
+@click.argument("positions", nargs=-1)
+@click.option("--reason", help="Every letter with this reason.")
+@click.option("--dry-run", is_flag=True, help="Say what would be sent.")
+def dlq_redrive(positions: tuple[str, ...], reason: str | None, dry_run: bool) -> None:
+    """Send letters (by partition:offset, or --reason) back to their source topic."""
+    from worker import dlq
+
+    if not positions and reason is None:
+        raise click.UsageError("name positions or a --reason")
+    cfg = _settings()
+    chosen = dlq.select(_run(dlq.read(cfg)), positions=positions, reason=reason)
+    if dry_run:
+        click.echo("\n".join(letter.position for letter in chosen))
+        click.echo(f"would redrive {len(chosen)} dead letters")
+        return
+    click.echo(f"redrove {_run(dlq.redrive(cfg, chosen))} dead letters")
+
+
 @main.command("schemas")
 @click.option("--write", is_flag=True, help="Regenerate the files under schema/events.")
 def schemas_command(write: bool) -> None:

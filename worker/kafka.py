@@ -206,3 +206,35 @@ async def _drain(
     if on_sent is not None:
         on_sent(count)
     return count
+
+
+async def read_all(
+    cfg: settings_module.Settings, topic: str
+) -> list[aiokafka.ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` up to its end when called, by partition and offset.
+
+    Reads without a consumer group, so inspecting a topic never moves anyone's
+    committed offsets.
+    """
+    tps = await topic_partitions(cfg, topic)
+    if not tps:
+        return []
+    reader = aiokafka.AIOKafkaConsumer(
+        bootstrap_servers=cfg.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await reader.start()
+    try:
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        found: list[aiokafka.ConsumerRecord[bytes, bytes]] = []
+        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+            batch = await reader.getmany(timeout_ms=1000)
+            for tp, messages in batch.items():
+                found.extend(m for m in messages if m.offset < ends[tp])
+        return sorted(found, key=lambda r: (r.partition, r.offset))
+    finally:
+        await reader.stop()

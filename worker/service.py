@@ -119,11 +119,12 @@ async def _supervise(service: Service, tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def drained(service: Service) -> bool:
-    """True once every record is committed and every outbox row published."""
+    """True once every record is committed, applied or dead-lettered (none parked),
+    and every outbox row is published."""
     if service.consumer.lag != 0 or not service.relay.leading:
         return False
-    backlog: int = await service.pool.fetchval(db.queries()["outbox_unpublished"])
-    return backlog == 0
+    pending: int = await service.pool.fetchval(db.queries()["pending_work"])
+    return pending == 0
 
 
 async def _watch(service: Service, until: Callable[[Service], Awaitable[bool]]) -> None:

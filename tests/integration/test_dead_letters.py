@@ -8,7 +8,7 @@ import aiokafka
 import asyncpg
 
 from tests import support
-from worker import kafka
+from worker import dlq, kafka
 from worker import settings as settings_module
 
 
@@ -70,3 +70,31 @@ def _header(record: aiokafka.ConsumerRecord[bytes, bytes], name: str) -> bytes:
     values = [value for key, value in record.headers if key == name]
     assert len(values) == 1, (name, record.headers)
     return values[0]
+
+
+async def test_dlq_tools_list_show_and_redrive_after_a_fix(
+    settings: settings_module.Settings, pool: asyncpg.Pool
+) -> None:
+    late_user, c = uuid.uuid4(), uuid.uuid4()
+    value = support.event(c, late_user)
+    await support.produce(settings, [value, b"garbage"])
+    impatient = settings.model_copy(update={"unknown_user_retry_s": 0})
+    await support.run_until_drained(impatient)
+    letters = await dlq.read(settings)
+    assert sorted(letter.meta("reason") for letter in letters) == [
+        "not_json",
+        "unknown_user",
+    ]
+
+    await support.create_users(pool, late_user)
+    chosen = dlq.select(letters, reason="unknown_user")
+    sent = await dlq.redrive(settings, chosen)
+    await support.run_until_drained(settings)
+
+    assert sent == 1
+    assert chosen[0].value == support.encode(value)
+    count = await pool.fetchval(
+        "SELECT message_count FROM conversations WHERE id=$1", c
+    )
+    assert count == 1
+    assert len(await dlq.read(settings)) == 2

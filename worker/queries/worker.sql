@@ -25,6 +25,10 @@ WHERE published_at < now() - make_interval(secs => $1)
 -- name: outbox_unpublished
 SELECT count(*) FROM convstats_outbox WHERE published_at IS NULL
 
+-- name: pending_work
+SELECT (SELECT count(*) FROM convstats_outbox WHERE published_at IS NULL)
+     + (SELECT count(*) FROM convstats_parked_messages)
+
 -- name: outbox_backlog
 SELECT count(*) AS backlog,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_s
