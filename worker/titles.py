@@ -20,6 +20,17 @@ MAX_CODE_POINTS = 255
 
 _WHITESPACE_RUN = re.compile(r"\s+")
 _GRAPHEME = regex.compile(r"\X")
+# Control characters (category Cc) all sit below U+00A0. The whitespace among them
+# (tab, newline, the information separators, NEL, ...) is folded, not dropped.
+_CONTROL = re.compile(
+    "["
+    + "".join(
+        re.escape(chr(c))
+        for c in range(0xA0)
+        if unicodedata.category(chr(c)) == "Cc" and not chr(c).isspace()
+    )
+    + "]+"
+)
 
 
 def normalise(content: str) -> str:
@@ -27,9 +38,7 @@ def normalise(content: str) -> str:
 
     U+0000 must go in any case: PostgreSQL text cannot hold it.
     """
-    kept = "".join(
-        ch for ch in content if ch.isspace() or unicodedata.category(ch) != "Cc"
-    )
+    kept = _CONTROL.sub("", content)
     return _WHITESPACE_RUN.sub(" ", kept).strip()
 
 
@@ -45,6 +54,10 @@ def candidate(message_type: str, content: str) -> str | None:
 
 
 def truncate(text: str) -> str:
+    # A grapheme holds at least one code point, so short text needs no segmenting.
+    if len(text) <= MAX_GRAPHEMES:
+        return text
+
     graphemes = _GRAPHEME.findall(text)
     if len(graphemes) <= MAX_GRAPHEMES and len(text) <= MAX_CODE_POINTS:
         return text
