@@ -28,12 +28,11 @@ def queries() -> dict[str, str]:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # Text codecs for jsonb so that payloads pass through as the JSON the database
-    # built, and every instant is handled in UTC whatever the server's TimeZone.
+    # A text codec for jsonb, so payloads pass through as the JSON the database
+    # built instead of being parsed and dumped again.
     await conn.set_type_codec(
         "jsonb", encoder=lambda v: v, decoder=lambda v: v, schema="pg_catalog"
     )
-    await conn.execute("SET TIME ZONE 'UTC'")
 
 
 async def create_pool(
@@ -46,14 +45,16 @@ async def create_pool(
         max_size=max_size or cfg.db_pool_size,
         init=_init_connection,
         command_timeout=cfg.db_statement_timeout_s + 5,
-        server_settings={"statement_timeout": str(timeout_ms)},
+        # In server_settings rather than a SET: the pool's RESET ALL on release
+        # would undo a SET for the next borrower.
+        server_settings={"statement_timeout": str(timeout_ms), "TimeZone": "UTC"},
     )
     assert pool is not None
     return pool
 
 
 async def connect(cfg: settings_module.Settings) -> asyncpg.Connection:
-    conn = await asyncpg.connect(cfg.database_url)
+    conn = await asyncpg.connect(cfg.database_url, server_settings={"TimeZone": "UTC"})
     await _init_connection(conn)
     return conn
 

@@ -1,10 +1,8 @@
 DROP TABLE conversations;
 DROP FUNCTION convstats_conversations_guard();
-DROP TRIGGER IF EXISTS update_users_updated_at ON users;
-DROP FUNCTION update_updated_at_column();
 
 -- Drop users only when this project created it: otherwise it holds another service's
--- data.
+-- data. Our trigger on it goes with the table; theirs, on their table, stays.
 DO $$
 BEGIN
     IF obj_description('users'::regclass, 'pg_class')
@@ -13,3 +11,5 @@ BEGIN
     END IF;
 END;
 $$;
+
+DROP FUNCTION convstats_touch_updated_at();

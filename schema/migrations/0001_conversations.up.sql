@@ -54,8 +54,10 @@ CREATE INDEX idx_conversations_created_at ON conversations (created_at DESC);
 CREATE INDEX idx_conversations_context ON conversations USING gin (context_data);
 
 -- An UPDATE that changes nothing (a replay) must not look like activity, so the
--- timestamp moves only when the row really differs.
-CREATE OR REPLACE FUNCTION update_updated_at_column() RETURNS trigger
+-- timestamp moves only when the row really differs. The function carries our prefix
+-- because the identity service's users table commonly comes with its own
+-- update_updated_at_column(): replacing or dropping that one would change their table.
+CREATE FUNCTION convstats_touch_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW IS DISTINCT FROM OLD THEN
@@ -81,6 +83,14 @@ BEGIN
         NEW.archived_at := NULL;
     END IF;
 
+    -- A conversation created with a title was named by a person: the worker only
+    -- ever creates conversations without one. A bulk tool that writes automatic
+    -- titles says so with SET LOCAL convstats.auto_title = 'on'.
+    IF TG_OP = 'INSERT' AND NEW.title IS NOT NULL AND NEW.title_source = 'auto'
+            AND current_setting('convstats.auto_title', true) IS DISTINCT FROM 'on' THEN
+        NEW.title_source := 'user';
+    END IF;
+
     -- A plain UPDATE of the title by another service is a person naming the
     -- conversation. The stats trigger writes titles one trigger level deeper, and
     -- clearing the title hands it back to the automatic rule.
@@ -102,7 +112,7 @@ CREATE TRIGGER convstats_conversations_10_guard
 
 CREATE TRIGGER update_conversations_updated_at
     BEFORE UPDATE ON conversations
-    FOR EACH ROW EXECUTE FUNCTION update_updated_at_column();
+    FOR EACH ROW EXECUTE FUNCTION convstats_touch_updated_at();
 
 DO $$
 BEGIN
@@ -110,7 +120,7 @@ BEGIN
             = 'convstats: minimal users table' THEN
         CREATE TRIGGER update_users_updated_at
             BEFORE UPDATE ON users
-            FOR EACH ROW EXECUTE FUNCTION update_updated_at_column();
+            FOR EACH ROW EXECUTE FUNCTION convstats_touch_updated_at();
     END IF;
 END;
 $$;

@@ -73,6 +73,31 @@ CREATE TRIGGER convstats_applied_messages_stats
     REFERENCING NEW TABLE AS new_messages
     FOR EACH STATEMENT EXECUTE FUNCTION convstats_applied_messages_stats();
 
+-- When a plain UPDATE leaves the title to the automatic rule (a person clears their
+-- title, or hands it back by setting title_source), the title is recomputed at once
+-- from the ledger: waiting for the next message would leave a conversation without
+-- the title its messages give it, possibly for ever. The stats trigger, one level
+-- deeper, computes the title itself. SECURITY DEFINER because the application role
+-- may not read the ledger.
+CREATE FUNCTION convstats_conversations_auto_title() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+BEGIN
+    IF pg_trigger_depth() = 1
+            AND NEW.title_source = 'auto'
+            AND (OLD.title_source <> 'auto' OR NEW.title IS DISTINCT FROM OLD.title)
+            AND current_setting('convstats.auto_title', true) IS DISTINCT FROM 'on' THEN
+        NEW.title := convstats_auto_title(NEW.id);
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+-- Between the guard (10), which settles title_source, and the version trigger (20),
+-- which must see the final title.
+CREATE TRIGGER convstats_conversations_15_auto_title
+    BEFORE UPDATE ON conversations
+    FOR EACH ROW EXECUTE FUNCTION convstats_conversations_auto_title();
+
 -- Applies a batch of distinct messages in one call and says what became of each:
 -- applied, duplicate, conflict (the id is taken by another message), unknown_user,
 -- foreign_user (the conversation is someone else's) or deleted.
@@ -99,6 +124,8 @@ BEGIN
     FOR UPDATE;
 
     -- A conversation first seen in this batch is created from its earliest message.
+    -- A message whose id the ledger already holds creates nothing: it can only be a
+    -- duplicate or a conflict, and neither may change anything.
     INSERT INTO conversations (id, user_id, mode, context_data, created_at)
     SELECT DISTINCT ON (m.conversation_id)
            m.conversation_id, m.user_id, coalesce(m.mode, 'analysis'),
@@ -107,6 +134,10 @@ BEGIN
                 p_modes, p_contexts)
          AS m (conversation_id, user_id, created_at, message_id, mode, context)
     WHERE EXISTS (SELECT 1 FROM users AS u WHERE u.id = m.user_id)
+      AND NOT EXISTS (
+          SELECT 1 FROM convstats_applied_messages AS l
+          WHERE l.message_id = m.message_id
+      )
     ORDER BY m.conversation_id, m.created_at, m.message_id
     ON CONFLICT (id) DO NOTHING;
 
