@@ -93,6 +93,7 @@ async def run(
     try:
         await _supervise(service, tasks)
     finally:
+        _restore_signals()
         if runner is not None:
             await runner.cleanup()
 
@@ -138,6 +139,12 @@ def _handle_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, stop, signum)
+
+
+def _restore_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
