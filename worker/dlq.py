@@ -10,6 +10,7 @@ import aiokafka
 from worker import kafka
 from worker import settings as settings_module
 
+
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
     partition: int
