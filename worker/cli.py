@@ -271,9 +271,44 @@ def schemas_command(write: bool) -> None:
 
 
 @main.command("verify")
-def verify_command() -> None:
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Re-check every SECONDS until SIGINT or SIGTERM, keeping the "
+    "convstats_drift_rows gauge current.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="With --watch, serve /metrics on this port (0: off).",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address to bind."
+)
+def verify_command(watch: float | None, metrics_port: int, metrics_host: str) -> None:
     """Recompute every conversation's stats from the ledger; exit 1 on drift."""
     from worker import db, verify
+
+    if metrics_port and watch is None:
+        raise click.UsageError("--metrics-port serves the gauge of --watch; add it")
+    if watch is not None:
+        import prometheus_client
+
+        if metrics_port:
+            prometheus_client.start_http_server(metrics_port, addr=metrics_host)
+
+        async def watch_drift() -> None:
+            pool = await db.create_pool(_settings(), max_size=2)
+            try:
+                await verify.watch_until_signalled(pool, watch)
+            finally:
+                await pool.close()
+
+        _run(watch_drift())
+        return
 
     async def check() -> list[verify.Drift]:
         pool = await db.create_pool(_settings())
@@ -289,7 +324,7 @@ def verify_command() -> None:
             f"ledger says {item.expected!r}"
         )
     if found:
-        click.echo(f"drift in {len({i.conversation_id for i in found})} conversations")
+        click.echo(f"drift in {verify.conversations(found)} conversations")
         sys.exit(1)
     click.echo("no drift")
 
@@ -297,3 +332,10 @@ def verify_command() -> None:
 from worker import cli_conversations  # noqa: E402
 
 main.add_command(cli_conversations.conversations)
+
+from worker import cli_history  # noqa: E402
+
+main.add_command(cli_history.replay_command)
+main.add_command(cli_history.backfill_command)
+main.add_command(cli_history.rebuild_command)
+main.add_command(cli_history.export_corpus_command)

@@ -113,9 +113,13 @@ class Pipeline:
     async def resolve(self, records: Sequence[Record]) -> Resolution:
         """Applies what can be applied and sorts out the rest, sending nothing."""
         resolution = Resolution(Tally(consumed=len(records)), [], [])
-        unique, duplicates = self._parse_and_combine(records, resolution.rejected)
-        resolution.tally.duplicates += duplicates
-        if unique:
+        pending = self._parse(records, resolution.rejected)
+        # A message_id may come with different contents in one batch. Which one is
+        # first is the database's to say (an earlier batch may hold either), so each
+        # round applies one version per id and the next round the other versions.
+        while pending:
+            unique, pending, duplicates = _combine(pending)
+            resolution.tally.duplicates += duplicates
             await self._apply(unique, resolution)
         return resolution
 
@@ -127,32 +131,20 @@ class Pipeline:
         for _, rejection in resolution.rejected:
             tally.reasons[rejection.reason] = tally.reasons.get(rejection.reason, 0) + 1
 
-    def _parse_and_combine(
+    def _parse(
         self,
         records: Sequence[Record],
         rejected: list[tuple[Record, events.Rejection]],
-    ) -> tuple[dict[uuid.UUID, tuple[Record, events.Message]], int]:
-        # Events of one message inside a batch are combined before the database sees
-        # them: the earliest record wins, a copy is a duplicate, a different message
-        # under the same id is a conflict.
+    ) -> list[tuple[Record, events.Message]]:
         now = self._clock()
-        unique: dict[uuid.UUID, tuple[Record, events.Message]] = {}
-        duplicates = 0
+        parsed: list[tuple[Record, events.Message]] = []
         for record in records:
-            parsed = events.parse(record.value, now, self._max_clock_skew_s)
-            if isinstance(parsed, events.Rejection):
-                rejected.append((record, parsed))
-                continue
-
-            message_id = parsed.event.message_id
-            first = unique.get(message_id)
-            if first is None:
-                unique[message_id] = (record, parsed)
-            elif first[1].fingerprint == parsed.fingerprint:
-                duplicates += 1
+            message = events.parse(record.value, now, self._max_clock_skew_s)
+            if isinstance(message, events.Rejection):
+                rejected.append((record, message))
             else:
-                rejected.append((record, _conflict(first[0])))
-        return unique, duplicates
+                parsed.append((record, message))
+        return parsed
 
     async def _apply(
         self,
@@ -212,9 +204,28 @@ async def park(pool: asyncpg.Pool, waiting: Sequence[Waiting]) -> None:
     )
 
 
-def _conflict(first: Record) -> events.Rejection:
-    return events.Rejection(
-        events.Reason.MESSAGE_ID_CONFLICT,
-        f"message_id already used by another message in this batch at "
-        f"{first.topic}[{first.partition}]@{first.offset}; the first one wins",
-    )
+def _combine(
+    parsed: Sequence[tuple[Record, events.Message]],
+) -> tuple[
+    dict[uuid.UUID, tuple[Record, events.Message]],
+    list[tuple[Record, events.Message]],
+    int,
+]:
+    """One version of each message_id, the other versions, and the exact copies.
+
+    The earliest record of an id goes first; a copy of it is a duplicate; a
+    different message under the same id waits for a later round.
+    """
+    unique: dict[uuid.UUID, tuple[Record, events.Message]] = {}
+    later: list[tuple[Record, events.Message]] = []
+    duplicates = 0
+    for record, message in parsed:
+        message_id = message.event.message_id
+        first = unique.get(message_id)
+        if first is None:
+            unique[message_id] = (record, message)
+        elif first[1].fingerprint == message.fingerprint:
+            duplicates += 1
+        else:
+            later.append((record, message))
+    return unique, later, duplicates
