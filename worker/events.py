@@ -24,6 +24,10 @@ Mode = Literal["analysis", "psychology", "training", "planning"]
 Status = Literal["active", "archived", "deleted"]
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
 class Reason(enum.StrEnum):
     """Why an event went to the dead-letter topic."""
 
@@ -171,18 +175,21 @@ def _message(event: MessageCreated, text: str) -> Message:
 
 def fingerprint(event: MessageCreated) -> bytes:
     """What makes two deliveries the same message, whatever their JSON spelling."""
-    digest = hashlib.sha256()
-    for part in (
-        str(event.conversation_id),
-        str(event.user_id),
-        event.type,
-        event.created_at.astimezone(datetime.UTC).isoformat(),
-    ):
-        digest.update(part.encode())
-        digest.update(b"\x00")
+    # The instant as whole microseconds: the same moment written with another UTC
+    # offset is the same message.
+    micros = (event.created_at - _EPOCH) // _MICROSECOND
+    head = b"".join(
+        (
+            event.conversation_id.bytes,
+            event.user_id.bytes,
+            micros.to_bytes(8, "big", signed=True),
+            event.type.encode(),
+            b"\x00",
+        )
+    )
     # surrogatepass: JSON may carry lone surrogates, which are still content.
-    digest.update(event.content.encode("utf-8", "surrogatepass"))
-    return digest.digest()
+    body = event.content.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(head + body).digest()
 
 
 def _rejection(exc: pydantic.ValidationError) -> Rejection:
