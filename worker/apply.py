@@ -47,6 +47,10 @@ def is_transient(exc: BaseException) -> bool:
             TimeoutError,
             asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError,
+            # A pooled connection whose session the server cut (a restart) can be
+            # caught between the FATAL message and the closed socket; asyncpg then
+            # raises this, not an InterfaceError (MagicStack/asyncpg#1069).
+            asyncpg.InternalClientError,
         ),
     )
 

@@ -136,7 +136,12 @@ class Consumer:
         while True:
             try:
                 return await self._pipeline.process(records)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            except (
+                asyncpg.PostgresError,
+                OSError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as exc:
                 if not apply.is_transient(exc):
                     raise
                 metrics.BATCH_RETRIES.inc()
@@ -209,6 +214,11 @@ def _count(tally: pipeline.Tally) -> None:
 async def database_ready(pool: asyncpg.Pool) -> bool:
     try:
         await pool.fetchval("SELECT 1")
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+    except (
+        asyncpg.PostgresError,
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    ):
         return False
     return True

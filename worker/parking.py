@@ -41,7 +41,12 @@ class Parking:
         while not stop.is_set():
             try:
                 await self.retry_due()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            except (
+                asyncpg.PostgresError,
+                OSError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as exc:
                 if not apply.is_transient(exc):
                     raise
                 logger.warning(

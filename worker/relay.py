@@ -54,6 +54,7 @@ class Relay:
                 asyncpg.PostgresError,
                 OSError,
                 asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
                 aiokafka.errors.KafkaError,
             ) as exc:
                 if isinstance(exc, asyncpg.PostgresError) and not apply.is_transient(

@@ -183,6 +183,44 @@ def env(state_dir: Path | None = None) -> StackEnv:
     )
 
 
+def stop_postgresql(state_dir: Path | None = None) -> None:
+    """Stop PostgreSQL alone (fast shutdown: every session is cut, as in an outage)."""
+    layout = _layout(state_dir)
+    with _locked(layout):
+        _pg_down(layout)
+
+
+def start_postgresql(state_dir: Path | None = None) -> None:
+    """Start PostgreSQL alone; returns once it answers queries."""
+    layout = _layout(state_dir)
+    with _locked(layout):
+        _pg_up(layout, _ports())
+
+
+def restart_postgresql(state_dir: Path | None = None) -> None:
+    stop_postgresql(state_dir)
+    start_postgresql(state_dir)
+
+
+def stop_kafka(state_dir: Path | None = None) -> None:
+    """Stop the broker alone (controlled shutdown); its data stays."""
+    layout = _layout(state_dir)
+    with _locked(layout):
+        _kafka_down(layout)
+
+
+def start_kafka(state_dir: Path | None = None) -> None:
+    """Start the broker alone; returns once it serves metadata."""
+    layout = _layout(state_dir)
+    with _locked(layout):
+        _kafka_up(layout, _ports())
+
+
+def restart_kafka(state_dir: Path | None = None) -> None:
+    stop_kafka(state_dir)
+    start_kafka(state_dir)
+
+
 def export_lines(e: StackEnv) -> str:
     """Shell lines that point the app at the stack (for `eval "$(...)"`)."""
     return (
