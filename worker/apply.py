@@ -37,22 +37,23 @@ _TRANSIENT_CLASSES = (
 _DATA_CLASSES = ("22", "23")
 
 
+# Everything talking to PostgreSQL can raise; is_transient says which to retry.
+DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    # A pooled connection whose session the server cut (a restart) can be caught
+    # between the FATAL message and the closed socket; asyncpg then raises this,
+    # not an InterfaceError (MagicStack/asyncpg#1069).
+    asyncpg.InternalClientError,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate)[:2] in _TRANSIENT_CLASSES
-    return isinstance(
-        exc,
-        (
-            OSError,
-            TimeoutError,
-            asyncpg.InterfaceError,
-            asyncpg.PostgresConnectionError,
-            # A pooled connection whose session the server cut (a restart) can be
-            # caught between the FATAL message and the closed socket; asyncpg then
-            # raises this, not an InterfaceError (MagicStack/asyncpg#1069).
-            asyncpg.InternalClientError,
-        ),
-    )
+    return isinstance(exc, DATABASE_ERRORS)
 
 
 def is_data_error(exc: BaseException) -> bool:

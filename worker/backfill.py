@@ -458,7 +458,7 @@ class Merger:
         for attempt in range(1, MERGE_ATTEMPTS + 1):
             try:
                 return await self._merge_once(rows)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            except apply.DATABASE_ERRORS as exc:
                 if not apply.is_transient(exc) or attempt == MERGE_ATTEMPTS:
                     raise
                 logger.warning(

@@ -136,12 +136,7 @@ class Consumer:
         while True:
             try:
                 return await self._pipeline.process(records)
-            except (
-                asyncpg.PostgresError,
-                OSError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-            ) as exc:
+            except apply.DATABASE_ERRORS as exc:
                 if not apply.is_transient(exc):
                     raise
                 metrics.BATCH_RETRIES.inc()
@@ -214,11 +209,6 @@ def _count(tally: pipeline.Tally) -> None:
 async def database_ready(pool: asyncpg.Pool) -> bool:
     try:
         await pool.fetchval("SELECT 1")
-    except (
-        asyncpg.PostgresError,
-        OSError,
-        asyncpg.InterfaceError,
-        asyncpg.InternalClientError,
-    ):
+    except apply.DATABASE_ERRORS:
         return False
     return True

@@ -41,12 +41,7 @@ class Parking:
         while not stop.is_set():
             try:
                 await self.retry_due()
-            except (
-                asyncpg.PostgresError,
-                OSError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-            ) as exc:
+            except apply.DATABASE_ERRORS as exc:
                 if not apply.is_transient(exc):
                     raise
                 logger.warning(

@@ -69,6 +69,11 @@ _OUTCOME_DETAILS = {
     apply.Outcome.DELETED: "the conversation is deleted",
 }
 
+_PARKED_CONFLICT = events.Rejection(
+    events.Reason.MESSAGE_ID_CONFLICT,
+    "another message with this message_id is already waiting for its user",
+)
+
 # A message waiting for its user: the record it came in, parsed.
 Waiting = tuple[Record, events.Message]
 
@@ -105,8 +110,11 @@ class Pipeline:
         resolution = await self.resolve(records)
         faults.point(faults.RAISE_IN_APPLY)
         if resolution.waiting:
-            await park(self._pool, resolution.waiting)
-            resolution.tally.parked = len(resolution.waiting)
+            conflicts = await park(self._pool, resolution.waiting)
+            resolution.tally.parked = len(resolution.waiting) - len(conflicts)
+            resolution.rejected += [
+                (record, _PARKED_CONFLICT) for record, _ in conflicts
+            ]
         await self.dead_letter(resolution)
         return resolution.tally
 
@@ -173,34 +181,40 @@ class Pipeline:
                 resolution.rejected.append((unique[message_id][0], rejection))
 
 
-async def park(pool: asyncpg.Pool, waiting: Sequence[Waiting]) -> None:
-    """Stores messages whose user does not exist yet, with their original record."""
-    await pool.executemany(
-        db.queries()["park"],
-        [
-            (
-                message.event.message_id,
-                message.event.conversation_id,
-                message.event.user_id,
-                record.topic,
-                record.partition,
-                record.offset,
-                record.key,
-                record.value,
-                db.dumps(
-                    [
-                        [name, base64.b64encode(value).decode()]
-                        for name, value in record.headers
-                    ]
-                ),
-            )
-            for record, message in waiting
-        ],
-    )
+async def park(pool: asyncpg.Pool, waiting: Sequence[Waiting]) -> list[Waiting]:
+    """Stores messages whose user does not exist yet, with their original record.
+
+    Returns the ones refused because another message already waits under their
+    message_id (a redelivery of the parked one is simply absorbed).
+    """
+    conflicts = []
+    for record, message in waiting:
+        parked = await pool.fetchval(
+            db.queries()["park"],
+            message.event.message_id,
+            message.event.conversation_id,
+            message.event.user_id,
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            _headers_json(record.headers),
+            message.fingerprint,
+        )
+        if parked != message.fingerprint:
+            conflicts.append((record, message))
     logger.info(
         "parked %d messages until their users exist",
-        len(waiting),
+        len(waiting) - len(conflicts),
         extra={"action": "messages_parked", "size": len(waiting)},
+    )
+    return conflicts
+
+
+def _headers_json(headers: Sequence[tuple[str, bytes]]) -> str:
+    return db.dumps(
+        [[name, base64.b64encode(value).decode()] for name, value in headers]
     )
 
 

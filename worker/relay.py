@@ -50,13 +50,7 @@ class Relay:
         while not stop.is_set():
             try:
                 await self._session(stop)
-            except (
-                asyncpg.PostgresError,
-                OSError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-                aiokafka.errors.KafkaError,
-            ) as exc:
+            except (*apply.DATABASE_ERRORS, aiokafka.errors.KafkaError) as exc:
                 if isinstance(exc, asyncpg.PostgresError) and not apply.is_transient(
                     exc
                 ):

@@ -102,7 +102,7 @@ async def watch_until_signalled(pool: asyncpg.Pool, interval_s: float) -> int:
 async def _round(pool: asyncpg.Pool) -> None:
     try:
         found = await drift(pool)
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+    except apply.DATABASE_ERRORS as exc:
         if isinstance(exc, asyncpg.PostgresError) and not apply.is_transient(exc):
             raise
         logger.warning(

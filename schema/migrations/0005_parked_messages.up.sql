@@ -10,6 +10,8 @@ CREATE TABLE convstats_parked_messages (
     source_offset bigint NOT NULL,
     record_key bytea,
     record_value bytea NOT NULL,
+    -- Tells a redelivery of the parked message from another message reusing its id.
+    fingerprint bytea NOT NULL,
     -- [[name, base64 value], ...]: Kafka header values are bytes.
     record_headers jsonb NOT NULL DEFAULT '[]',
     parked_at timestamptz NOT NULL DEFAULT now(),

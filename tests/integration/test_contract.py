@@ -351,3 +351,18 @@ async def test_unknown_user_is_dead_lettered_after_the_wait(
     assert dead_letters.reasons() == ["unknown_user"]
     assert dead_letters.sent[0][0].value == support.encode(value)
     assert await pool.fetchval("SELECT count(*) FROM convstats_parked_messages") == 0
+
+
+async def test_a_parked_message_absorbs_its_redelivery_and_refuses_an_impostor(
+    pipe: pipeline.Pipeline,
+    pool: asyncpg.Pool,
+    dead_letters: support.RecordingDeadLetters,
+) -> None:
+    value = support.event(uuid.uuid4(), uuid.uuid4(), content="waiting")
+    await pipe.process(support.records([value]))
+
+    await pipe.process(support.records([value]))
+    await pipe.process(support.records([{**value, "content": "impostor"}]))
+
+    assert await pool.fetchval("SELECT count(*) FROM convstats_parked_messages") == 1
+    assert dead_letters.reasons() == ["message_id_conflict"]

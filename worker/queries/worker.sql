@@ -70,11 +70,20 @@ ORDER BY c.id
 LIMIT $1
 
 -- name: park
-INSERT INTO convstats_parked_messages
-    (message_id, conversation_id, user_id, source_topic, source_partition,
-     source_offset, record_key, record_value, record_headers)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-ON CONFLICT (message_id) DO NOTHING
+-- The fingerprint parked under this message_id: the new one, or the one that was
+-- there first.
+WITH parked AS (
+    INSERT INTO convstats_parked_messages
+        (message_id, conversation_id, user_id, source_topic, source_partition,
+         source_offset, record_key, record_value, record_headers, fingerprint)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING fingerprint
+)
+SELECT fingerprint FROM parked
+UNION ALL
+SELECT fingerprint FROM convstats_parked_messages WHERE message_id = $1
+LIMIT 1
 
 -- name: due_parked
 SELECT message_id, parked_at, attempts, source_topic, source_partition,
