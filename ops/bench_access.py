@@ -32,7 +32,7 @@ import asyncpg
 from worker import access, db, migrations
 from worker import settings as settings_module
 
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:55432/postgres"
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:15432/postgres"
 DATABASE = "convstats_bench_access"
 
 USERS = 10_000

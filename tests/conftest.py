@@ -69,13 +69,22 @@ def with_database(url: str, name: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path="/" + name))
 
 
+async def admin_execute(services: Services, statement: str) -> None:
+    # A connection per statement: tests that restart PostgreSQL would otherwise
+    # leave a long-lived admin session dead for the teardown.
+    admin = await asyncpg.connect(services.database_url)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
 async def template_database(services: Services) -> AsyncIterator[str]:
     """A migrated database built once per run; each test clones it."""
     name = f"convstats_template_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(services.database_url)
+    await admin_execute(services, f'CREATE DATABASE "{name}"')
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
         conn = await asyncpg.connect(with_database(services.database_url, name))
         try:
             await migrations.migrate(conn)
@@ -83,8 +92,7 @@ async def template_database(services: Services) -> AsyncIterator[str]:
             await conn.close()
         yield name
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await admin_execute(services, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -92,13 +100,13 @@ async def database_url(
     services: Services, template_database: str
 ) -> AsyncIterator[str]:
     name = f"convstats_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(services.database_url)
+    await admin_execute(
+        services, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'
+    )
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
         yield with_database(services.database_url, name)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await admin_execute(services, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

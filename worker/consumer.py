@@ -176,7 +176,13 @@ class Consumer:
         assigned = self._consumer.assignment()
         if not assigned:
             return
-        ends = await self._consumer.end_offsets(list(assigned))
+        try:
+            ends = await self._consumer.end_offsets(list(assigned))
+        except aiokafka.errors.KafkaError as exc:
+            # Lag is a gauge: a broker that cannot answer now must not stop the
+            # batches, which carry on (or fail) on their own.
+            logger.warning("lag unknown: %s", exc, extra={"action": "lag_unknown"})
+            return
         total = 0
         for tp in assigned:
             committed = await self._consumer.committed(tp) or 0

@@ -19,10 +19,10 @@ class Settings(pydantic_settings.BaseSettings):
 
     # A libpq URL, e.g. postgresql://user:pass@host:5432/db
     database_url: str = pydantic.Field(
-        default="postgresql://postgres@127.0.0.1:55432/postgres"
+        default="postgresql://postgres@127.0.0.1:15432/postgres"
     )
     # host:port[,host:port]
-    kafka_bootstrap_servers: str = "127.0.0.1:59092"
+    kafka_bootstrap_servers: str = "127.0.0.1:19092"
 
     messages_topic: str = "message-created"
     updates_topic: str = "conversation-updated"

@@ -45,9 +45,12 @@ REPO_ROOT = _find_repo_root()
 KAFKA_OPS_DIR = REPO_ROOT / "ops" / "kafka"
 
 HOST = "127.0.0.1"
-PG_PORT = 55432
-KAFKA_PORT = 59092
-KAFKA_CONTROLLER_PORT = 59093
+# Below Linux's ephemeral range (32768-60999): a port inside it can be taken as the
+# source port of an outgoing connection (aiokafka retrying against a stopped broker
+# even connects to itself), and the server then cannot bind it again on restart.
+PG_PORT = 15432
+KAFKA_PORT = 19092
+KAFKA_CONTROLLER_PORT = 19093
 
 PG_USER = "postgres"
 PG_DATABASE = "postgres"
@@ -168,7 +171,7 @@ def down(state_dir: Path | None = None) -> None:
 
 
 def status(state_dir: Path | None = None) -> dict[str, str]:
-    """Describe each service, e.g. {"postgresql": "running on 127.0.0.1:55432"}."""
+    """Describe each service, e.g. {"postgresql": "running on 127.0.0.1:15432"}."""
     layout = _layout(state_dir)
     return {"postgresql": _pg_status(layout), "kafka": _kafka_status(layout)}
 
