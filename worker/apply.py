@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import logging
 import uuid
@@ -98,24 +99,37 @@ async def apply_isolating(
     return left | right, left_failed + right_failed
 
 
-def _columns(messages: Sequence[events.Message]) -> tuple[list[object], ...]:
-    columns: tuple[list[object], ...] = tuple([] for _ in range(9))
-    for message in messages:
-        event = message.event
-        for column, value in zip(
-            columns,
-            (
-                event.message_id,
-                event.conversation_id,
-                event.user_id,
-                event.type,
-                event.created_at,
-                message.fingerprint,
-                message.title_candidate,
-                event.mode,
-                message.context_json,
-            ),
-            strict=False,
-        ):
-            column.append(value)
-    return columns
+# message_id, conversation_id, user_id, type, created_at, fingerprint,
+# title_candidate, mode, context_data (JSON text)
+MessageRow = tuple[
+    uuid.UUID,
+    uuid.UUID,
+    uuid.UUID,
+    str,
+    datetime.datetime,
+    bytes,
+    str | None,
+    str | None,
+    str | None,
+]
+
+
+def message_row(message: events.Message) -> MessageRow:
+    """A message as the database takes it, in the order of the apply function."""
+    event = message.event
+    return (
+        event.message_id,
+        event.conversation_id,
+        event.user_id,
+        event.type,
+        event.created_at,
+        message.fingerprint,
+        message.title_candidate,
+        event.mode,
+        message.context_json,
+    )
+
+
+def _columns(messages: Sequence[events.Message]) -> list[list[object]]:
+    # One array per argument of convstats_apply_messages_v1.
+    return [list(column) for column in zip(*map(message_row, messages), strict=True)]

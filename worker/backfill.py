@@ -379,19 +379,7 @@ def _rounds(
 
 
 def _staging_row(number: int, message: events.Message) -> StagingRow:
-    event = message.event
-    return StagingRow(
-        number,
-        event.message_id,
-        event.conversation_id,
-        event.user_id,
-        event.type,
-        event.created_at,
-        message.fingerprint,
-        message.title_candidate,
-        event.mode,
-        message.context_json,
-    )
+    return StagingRow(number, *apply.message_row(message))
 
 
 # --- merging -------------------------------------------------------------------
