@@ -19,15 +19,38 @@ logger = logging.getLogger(__name__)
 
 
 def _settings() -> Any:
-    # Imported late so that `convstats stack ...` works before the Python
-    # dependencies of the worker are even importable.
+    # Imported late: most commands need only a few modules, and start faster.
+    import pydantic
+
     from worker import settings
 
-    return settings.Settings()
+    try:
+        return settings.Settings()
+    except pydantic.ValidationError as exc:
+        raise click.ClickException(f"invalid CONVSTATS_ settings:\n{exc}") from exc
+
+
+class ServiceError(click.ClickException):
+    """PostgreSQL or Kafka could not be reached or refused the request."""
+
+    # 2, so that `verify` keeps 1 for "drift found".
+    exit_code = 2
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Runs a command's coroutine; a service that cannot be reached is one line."""
+    import aiokafka.errors
+    import asyncpg
+
+    try:
+        return asyncio.run(coro)
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        aiokafka.errors.KafkaError,
+    ) as exc:
+        raise ServiceError(f"{type(exc).__name__}: {exc}") from exc
 
 
 @click.group()
@@ -231,7 +254,8 @@ def dlq_show(position: str) -> None:
     click.echo(f"position  {letter.position}")
     click.echo(f"key       {letter.key!r}")
     for name, value in letter.headers:
-        click.echo(f"header    {name}: {value.decode('utf-8', 'replace')}")
+        shown = "(null)" if value is None else value.decode("utf-8", "replace")
+        click.echo(f"header    {name}: {shown}")
     value = letter.value or b""
     click.echo(f"value     ({len(value):,} bytes)")
     click.echo(value.decode("utf-8", "backslashreplace"))
@@ -320,8 +344,8 @@ def verify_command(watch: float | None, metrics_port: int, metrics_host: str) ->
     found = _run(check())
     for item in found:
         click.echo(
-            f"{item.conversation_id}  {item.field}: stored {item.stored!r}, "
-            f"ledger says {item.expected!r}"
+            f"{item.conversation_id}  {item.field}: stored {item.stored}, "
+            f"ledger says {item.expected}"
         )
     if found:
         click.echo(f"drift in {verify.conversations(found)} conversations")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import aiokafka
 import aiokafka.errors
 import asyncpg
 
-from worker import apply, faults, metrics, pipeline, waiting
+from worker import apply, faults, kafka, metrics, pipeline, waiting
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ RETRY_BACKOFF_MIN_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
 # Lag needs a round trip to the broker; once every few seconds is plenty for a gauge.
 LAG_REFRESH_S = 2.0
+# Readiness fails once the broker has not answered a lag probe for this long.
+BROKER_SILENCE_S = 15.0
 
 
 class Stopped(Exception):
@@ -51,7 +54,7 @@ class Consumer:
             auto_offset_reset="earliest",
             max_poll_records=cfg.batch_size,
             max_poll_interval_ms=cfg.max_poll_interval_ms,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=kafka.MAX_RECORD_BYTES,
             fetch_max_bytes=64 * 1024 * 1024,
         )
         self.tally = pipeline.Tally()
@@ -60,7 +63,13 @@ class Consumer:
         self.seconds = {"fetch": 0.0, "apply": 0.0, "commit": 0.0}
         self.lag: int | None = None
         self.ready = False
+        self._broker_answered_at = -math.inf
         self._lag_checked_at = 0.0
+
+    def broker_reachable(self) -> bool:
+        """Joined, and the broker answered a recent lag probe."""
+        recent = time.monotonic() - self._broker_answered_at < BROKER_SILENCE_S
+        return self.ready and recent
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._consumer.start()
@@ -118,7 +127,7 @@ class Consumer:
         self.seconds["apply"] += applied - started
         self.seconds["commit"] += committed - applied
         metrics.BATCH_SECONDS.observe(committed - started)
-        _count(tally)
+        metrics.count(tally)
         self.tally.add(tally)
         logger.debug(
             "batch of %d: %d applied, %d duplicates, %d dead letters",
@@ -178,6 +187,7 @@ class Consumer:
             return
         try:
             ends = await self._consumer.end_offsets(list(assigned))
+            self._broker_answered_at = time.monotonic()
         except aiokafka.errors.KafkaError as exc:
             # Lag is a gauge: a broker that cannot answer now must not stop the
             # batches, which carry on (or fail) on their own.
@@ -202,14 +212,6 @@ def _record(message: aiokafka.ConsumerRecord[bytes, bytes]) -> pipeline.Record:
         headers=tuple(message.headers),
         timestamp_ms=message.timestamp,
     )
-
-
-def _count(tally: pipeline.Tally) -> None:
-    metrics.EVENTS_CONSUMED.inc(tally.consumed)
-    metrics.EVENTS_APPLIED.inc(tally.applied)
-    metrics.EVENTS_DUPLICATE.inc(tally.duplicates)
-    for reason, count in tally.reasons.items():
-        metrics.EVENTS_REJECTED.labels(reason=reason).inc(count)
 
 
 async def database_ready(pool: asyncpg.Pool) -> bool:

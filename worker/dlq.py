@@ -25,9 +25,11 @@ class DeadLetter:
 
     def meta(self, name: str) -> str:
         """A header the worker added, such as ``reason`` or ``source_topic``."""
-        for key, value in self.headers:
+        # The worker appends its headers after the record's own, so the last one
+        # of a name is ours even when a producer sent a look-alike.
+        for key, value in reversed(self.headers):
             if key == kafka.HEADER_PREFIX + name:
-                return value.decode("utf-8", "replace")
+                return (value or b"").decode("utf-8", "replace")
         return ""
 
     @property
@@ -57,7 +59,11 @@ def select(
 
 
 async def redrive(cfg: settings_module.Settings, letters: list[DeadLetter]) -> int:
-    """Sends each letter back to its source topic, as it first arrived."""
+    """Sends each letter back to the messages topic, as it first arrived.
+
+    Always the configured messages topic, never the source named in the letter's
+    headers: a producer could have forged those to write into any topic.
+    """
     sender = kafka.producer(cfg)
     await sender.start()
     try:
@@ -68,7 +74,7 @@ async def redrive(cfg: settings_module.Settings, letters: list[DeadLetter]) -> i
                 ("convstats.redriven_from", letter.position.encode()),
             ]
             await sender.send_and_wait(
-                letter.meta("source_topic") or cfg.messages_topic,
+                cfg.messages_topic,
                 key=letter.key,
                 value=letter.value,
                 headers=headers,

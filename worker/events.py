@@ -12,8 +12,9 @@ import datetime
 import enum
 import hashlib
 import json
+import re
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
@@ -50,6 +51,29 @@ class Reason(enum.StrEnum):
     DATABASE_ERROR = "database_error"
 
 
+# RFC 3339 date-time; the offset is optional here only so that a missing one gets
+# its own reason (timestamp_without_offset) from the aware-datetime check.
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})?"
+)
+
+
+def _rfc3339(value: object) -> object:
+    # pydantic alone also takes unix timestamps in strings and times without
+    # seconds; the contract does not.
+    if not isinstance(value, str):
+        return value
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError("not an RFC 3339 timestamp")
+    stamp, fraction, offset = match.groups()
+    # Python keeps microseconds: finer fractions are cut, not rounded, so that
+    # one instant never becomes two.
+    micros = (fraction or "0")[:6].ljust(6, "0")
+    offset = "+00:00" if offset in ("Z", "z") else offset or ""
+    return datetime.datetime.fromisoformat(f"{stamp.upper()}.{micros}{offset}")
+
+
 def _field(description: str, default: Any = ...) -> Any:
     return pydantic.Field(default, description=description)
 
@@ -81,9 +105,9 @@ class MessageCreated(pydantic.BaseModel):
     user_id: uuid.UUID = _field("The user who owns the conversation.")
     type: MessageType = _field("Who wrote it: the trader, the coach, or the system.")
     content: str = _field("The text; may be empty.")
-    created_at: pydantic.AwareDatetime = _field(
-        "When it was written: RFC 3339 with a UTC offset."
-    )
+    created_at: Annotated[
+        pydantic.AwareDatetime, pydantic.BeforeValidator(_rfc3339)
+    ] = _field("When it was written: RFC 3339 with a UTC offset.")
     mode: Mode | None = _field(
         "Used only when the conversation is created; default analysis.", None
     )

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_PARTITIONS = 4
 
 HEADER_PREFIX = "convstats."
+# The largest record value this project's topics accept (several-megabyte messages
+# are valid input). Dead letters add headers to a record that may be that large,
+# so the dead-letter topic and the producer allow a margin beyond it.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+DEAD_LETTER_MARGIN_BYTES = 1024 * 1024
 # Records a bulk producer keeps unacknowledged before it waits for the broker.
 PRODUCE_WINDOW = 5000
 
@@ -36,7 +41,7 @@ def producer(cfg: settings_module.Settings) -> aiokafka.AIOKafkaProducer:
         enable_idempotence=True,
         linger_ms=5,
         max_batch_size=256 * 1024,
-        max_request_size=16 * 1024 * 1024,
+        max_request_size=MAX_RECORD_BYTES + DEAD_LETTER_MARGIN_BYTES,
         compression_type="gzip",
     )
 
@@ -57,9 +62,7 @@ async def ensure_topics(
                 name,
                 num_partitions=partitions,
                 replication_factor=1,
-                # Several-megabyte messages are valid input and must reach the dead
-                # letter topic whole if they are rejected.
-                topic_configs={"max.message.bytes": str(16 * 1024 * 1024)},
+                topic_configs={"max.message.bytes": str(_topic_limit(cfg, name))},
             )
             for name in wanted
             if name not in existing
@@ -74,6 +77,12 @@ async def ensure_topics(
             )
     finally:
         await admin.close()
+
+
+def _topic_limit(cfg: settings_module.Settings, topic: str) -> int:
+    if topic == cfg.dead_letter_topic:
+        return MAX_RECORD_BYTES + DEAD_LETTER_MARGIN_BYTES
+    return MAX_RECORD_BYTES
 
 
 class KafkaDeadLetters:
@@ -222,7 +231,7 @@ async def read_all(
     reader = aiokafka.AIOKafkaConsumer(
         bootstrap_servers=cfg.kafka_bootstrap_servers,
         enable_auto_commit=False,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
+        max_partition_fetch_bytes=MAX_RECORD_BYTES + DEAD_LETTER_MARGIN_BYTES,
         fetch_max_bytes=64 * 1024 * 1024,
     )
     await reader.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import prometheus_client
 
+from worker import pipeline
+
 EVENTS_CONSUMED = prometheus_client.Counter(
     "convstats_events_consumed_total", "message-created records consumed"
 )
@@ -38,6 +40,12 @@ OUTBOX_BACKLOG = prometheus_client.Gauge(
 OUTBOX_OLDEST_AGE = prometheus_client.Gauge(
     "convstats_outbox_oldest_age_seconds", "age of the oldest unpublished outbox row"
 )
-DRIFT_ROWS = prometheus_client.Gauge(
-    "convstats_drift_rows", "conversations whose stats differ from the ledger"
-)
+
+
+def count(tally: pipeline.Tally) -> None:
+    """Adds what a batch (or a round of parked retries) did to the counters."""
+    EVENTS_CONSUMED.inc(tally.consumed)
+    EVENTS_APPLIED.inc(tally.applied)
+    EVENTS_DUPLICATE.inc(tally.duplicates)
+    for reason, n in tally.reasons.items():
+        EVENTS_REJECTED.labels(reason=reason).inc(n)

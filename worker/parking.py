@@ -15,7 +15,7 @@ import logging
 
 import asyncpg
 
-from worker import apply, db, events, pipeline, waiting
+from worker import apply, db, events, metrics, pipeline, waiting
 from worker import settings as settings_module
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Parking:
 
         resolution.tally.consumed = 0
         self.tally.add(resolution.tally)
+        metrics.count(resolution.tally)
         return resolution.tally
 
     def _give_up_on_old(
@@ -92,7 +93,10 @@ class Parking:
 
 def _record(row: asyncpg.Record) -> pipeline.Record:
     headers = tuple(
-        (name, base64.b64decode(value))
+        (
+            base64.b64decode(name).decode(),
+            None if value is None else base64.b64decode(value),
+        )
         for name, value in json.loads(row["record_headers"])
     )
     return pipeline.Record(

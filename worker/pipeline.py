@@ -26,7 +26,7 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
     timestamp_ms: int = 0
 
 
@@ -110,11 +110,9 @@ class Pipeline:
         resolution = await self.resolve(records)
         faults.point(faults.RAISE_IN_APPLY)
         if resolution.waiting:
-            conflicts = await park(self._pool, resolution.waiting)
-            resolution.tally.parked = len(resolution.waiting) - len(conflicts)
-            resolution.rejected += [
-                (record, _PARKED_CONFLICT) for record, _ in conflicts
-            ]
+            refused = await park(self._pool, resolution.waiting)
+            resolution.tally.parked = len(resolution.waiting) - len(refused)
+            resolution.rejected += refused
         await self.dead_letter(resolution)
         return resolution.tally
 
@@ -181,41 +179,65 @@ class Pipeline:
                 resolution.rejected.append((unique[message_id][0], rejection))
 
 
-async def park(pool: asyncpg.Pool, waiting: Sequence[Waiting]) -> list[Waiting]:
+async def park(
+    pool: asyncpg.Pool, waiting: Sequence[Waiting]
+) -> list[tuple[Record, events.Rejection]]:
     """Stores messages whose user does not exist yet, with their original record.
 
-    Returns the ones refused because another message already waits under their
-    message_id (a redelivery of the parked one is simply absorbed).
+    Returns the ones it could not park: another message already waits under their
+    message_id (a redelivery of the parked one is simply absorbed), or the
+    database refused to store the record.
     """
-    conflicts = []
+    refused = []
     for record, message in waiting:
-        parked = await pool.fetchval(
-            db.queries()["park"],
-            message.event.message_id,
-            message.event.conversation_id,
-            message.event.user_id,
-            record.topic,
-            record.partition,
-            record.offset,
-            record.key,
-            record.value,
-            _headers_json(record.headers),
-            message.fingerprint,
-        )
+        try:
+            parked = await _park_one(pool, record, message)
+        except asyncpg.PostgresError as exc:
+            if not apply.is_data_error(exc):
+                raise
+            # Dead-lettered like any record the database refuses, rather than a
+            # worker failing on this record at every restart.
+            error = events.Rejection(
+                events.Reason.DATABASE_ERROR, f"{exc.sqlstate}: {exc}"
+            )
+            refused.append((record, error))
+            continue
         if parked != message.fingerprint:
-            conflicts.append((record, message))
+            refused.append((record, _PARKED_CONFLICT))
     logger.info(
         "parked %d messages until their users exist",
-        len(waiting) - len(conflicts),
+        len(waiting) - len(refused),
         extra={"action": "messages_parked", "size": len(waiting)},
     )
-    return conflicts
+    return refused
 
 
-def _headers_json(headers: Sequence[tuple[str, bytes]]) -> str:
-    return db.dumps(
-        [[name, base64.b64encode(value).decode()] for name, value in headers]
+async def _park_one(
+    pool: asyncpg.Pool, record: Record, message: events.Message
+) -> bytes:
+    parked: bytes = await pool.fetchval(
+        db.queries()["park"],
+        message.event.message_id,
+        message.event.conversation_id,
+        message.event.user_id,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
+        _headers_json(record.headers),
+        message.fingerprint,
     )
+    return parked
+
+
+def _headers_json(headers: Sequence[tuple[str, bytes | None]]) -> str:
+    # Names are base64 too: a header name may hold U+0000, which jsonb refuses.
+    return db.dumps([[_b64(name.encode()), _b64(value)] for name, value in headers])
+
+
+def _b64(value: bytes | None) -> str | None:
+    return None if value is None else base64.b64encode(value).decode()
 
 
 def _combine(

@@ -9,10 +9,7 @@ transaction that took an id early and commits late is still picked up next round
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import uuid
-from typing import Any
 
 import aiokafka
 import aiokafka.errors
@@ -130,15 +127,17 @@ class Relay:
         if not rows:
             return 0
 
-        events = _coalesce(rows)
+        # Every row is one committed change and is published on its own: the
+        # contract promises each version. Changes made by one transaction were
+        # already folded into one row by the outbox trigger.
         futures = [
             await self._producer.send(
                 self._cfg.updates_topic,
-                key=str(event["conversation_id"]).encode(),
-                value=db.dumps(event).encode(),
-                headers=[("convstats.event_id", str(event["event_id"]).encode())],
+                key=str(row["conversation_id"]).encode(),
+                value=row["payload"].encode(),
+                headers=[("convstats.event_id", str(row["event_id"]).encode())],
             )
-            for event in events
+            for row in rows
         ]
         for future in futures:
             await future
@@ -147,15 +146,14 @@ class Relay:
         await self._pool.execute(
             db.queries()["mark_published"], [row["id"] for row in rows]
         )
-        self.published += len(events)
-        metrics.UPDATES_PUBLISHED.inc(len(events))
+        self.published += len(rows)
+        metrics.UPDATES_PUBLISHED.inc(len(rows))
         logger.debug(
-            "published %d updates from %d outbox rows",
-            len(events),
+            "published %d updates",
             len(rows),
-            extra={"action": "outbox_published", "size": len(events)},
+            extra={"action": "outbox_published", "size": len(rows)},
         )
-        return len(events)
+        return len(rows)
 
     async def _refresh_backlog(self) -> None:
         row = await self._pool.fetchrow(db.queries()["outbox_backlog"])
@@ -168,17 +166,3 @@ class Relay:
         await self._pool.execute(
             db.queries()["purge_published"], self._cfg.outbox_retention_s
         )
-
-
-def _coalesce(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    # Rows of one conversation come in version order; only the newest state is worth
-    # sending, but it must name every field the skipped changes touched.
-    latest: dict[uuid.UUID, dict[str, Any]] = {}
-    for row in rows:
-        event = json.loads(row["payload"])
-        earlier = latest.get(row["conversation_id"])
-        if earlier is not None:
-            fields = set(earlier["changed_fields"]) | set(event["changed_fields"])
-            event["changed_fields"] = sorted(fields)
-        latest[row["conversation_id"]] = event
-    return list(latest.values())

@@ -36,7 +36,7 @@ class Service:
     async def ready(self) -> dict[str, bool]:
         return {
             "database": await consumer.database_ready(self.pool),
-            "kafka": self.consumer.ready,
+            "kafka": self.consumer.broker_reachable(),
         }
 
 

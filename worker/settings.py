@@ -5,6 +5,8 @@ from __future__ import annotations
 import pydantic
 import pydantic_settings
 
+from worker import stack
+
 
 class Settings(pydantic_settings.BaseSettings):
     """Everything the worker, relay and tools can be tuned with.
@@ -17,12 +19,13 @@ class Settings(pydantic_settings.BaseSettings):
         env_prefix="CONVSTATS_", extra="ignore", frozen=True
     )
 
-    # A libpq URL, e.g. postgresql://user:pass@host:5432/db
-    database_url: str = pydantic.Field(
-        default="postgresql://postgres@127.0.0.1:15432/postgres"
-    )
+    # A libpq URL, e.g. postgresql://user:pass@host:5432/db. Unset, the local
+    # stack's (whose ports CONVSTATS_STACK_* may move).
+    database_url: str = pydantic.Field(default_factory=lambda: stack.env().database_url)
     # host:port[,host:port]
-    kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    kafka_bootstrap_servers: str = pydantic.Field(
+        default_factory=lambda: stack.env().kafka_bootstrap_servers
+    )
 
     messages_topic: str = "message-created"
     updates_topic: str = "conversation-updated"

@@ -18,7 +18,12 @@ ELLIPSIS = "..."
 # stacked combining marks can exceed that, so the code point budget is checked too.
 MAX_CODE_POINTS = 255
 
-_WHITESPACE_RUN = re.compile(r"\s+")
+# Unicode's White_Space property. Python's \s also counts U+001C..U+001F (the
+# information separators), which Unicode classes as control characters only.
+_WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_WHITESPACE_RUN = re.compile(f"[{_WHITE_SPACE}]+")
 _GRAPHEME = regex.compile(r"\X")
 # Control characters (category Cc) all sit below U+00A0. The whitespace among them
 # (tab, newline, the information separators, NEL, ...) is folded, not dropped.
@@ -27,7 +32,8 @@ _CONTROL = re.compile(
     + "".join(
         re.escape(chr(c))
         for c in range(0xA0)
-        if unicodedata.category(chr(c)) == "Cc" and not chr(c).isspace()
+        if unicodedata.category(chr(c)) == "Cc"
+        and not re.fullmatch(f"[{_WHITE_SPACE}]", chr(c))
     )
     + "]+"
 )
@@ -39,7 +45,7 @@ def normalise(content: str) -> str:
     U+0000 must go in any case: PostgreSQL text cannot hold it.
     """
     kept = _CONTROL.sub("", content)
-    return _WHITESPACE_RUN.sub(" ", kept).strip()
+    return _WHITESPACE_RUN.sub(" ", kept).strip(" ")
 
 
 def candidate(message_type: str, content: str) -> str | None:

@@ -18,15 +18,18 @@ import uuid
 import asyncpg
 import prometheus_client
 
-from worker import apply, db, metrics, waiting
+from worker import apply, db, waiting
 
 logger = logging.getLogger(__name__)
 
 # Enough rows to act on; a drift larger than this is reported as "at least".
 DEFAULT_LIMIT = 1000
 
-# Kept here rather than in worker.metrics because only the watcher sets it: without
-# it a watcher that cannot reach the database would leave a stale "no drift" behind.
+# These live here rather than in worker.metrics because only the watcher sets them:
+# exported by the worker too they would read "no drift" forever.
+DRIFT_ROWS = prometheus_client.Gauge(
+    "convstats_drift_rows", "conversations whose stats differ from the ledger"
+)
 LAST_CHECK = prometheus_client.Gauge(
     "convstats_verify_last_success_timestamp_seconds",
     "when the last drift check completed (Unix time)",
@@ -44,7 +47,7 @@ class Drift:
 async def drift(pool: asyncpg.Pool, limit: int = DEFAULT_LIMIT) -> list[Drift]:
     rows = await pool.fetch(db.queries()["drift"], limit)
     found = [item for row in rows for item in _differences(row)]
-    metrics.DRIFT_ROWS.set(len({item.conversation_id for item in found}))
+    DRIFT_ROWS.set(len({item.conversation_id for item in found}))
     LAST_CHECK.set(time.time())
     return found
 

@@ -366,3 +366,38 @@ async def test_a_parked_message_absorbs_its_redelivery_and_refuses_an_impostor(
 
     assert await pool.fetchval("SELECT count(*) FROM convstats_parked_messages") == 1
     assert dead_letters.reasons() == ["message_id_conflict"]
+
+
+async def test_a_parked_record_keeps_odd_headers_and_is_applied_later(
+    pipe: pipeline.Pipeline,
+    pool: asyncpg.Pool,
+    settings: settings_module.Settings,
+    dead_letters: support.RecordingDeadLetters,
+) -> None:
+    newcomer, c = uuid.uuid4(), uuid.uuid4()
+    headers = (("trace", None), ("na\x00me", b"\x00\xff"))
+    record = pipeline.Record(
+        topic="t",
+        partition=0,
+        offset=0,
+        key=None,
+        value=support.encode(support.event(c, newcomer)),
+        headers=headers,
+    )
+    tally = await pipe.process([record])
+    retry = parking.Parking(settings, pool, pipe)
+    parked = await pool.fetch("SELECT message_id FROM convstats_parked_messages")
+    rows = await pool.fetch(
+        "SELECT source_topic, source_partition, source_offset, record_key,"
+        " record_value, record_headers::text AS record_headers"
+        " FROM convstats_parked_messages"
+    )
+
+    await support.create_users(pool, newcomer)
+    await pool.execute("UPDATE convstats_parked_messages SET next_attempt_at = now()")
+    await retry.retry_due()
+
+    assert tally.parked == 1 and len(parked) == 1
+    assert parking._record(rows[0]).headers == headers
+    assert (await _row(pool, c))["message_count"] == 1
+    assert dead_letters.sent == []

@@ -98,3 +98,22 @@ async def test_dlq_tools_list_show_and_redrive_after_a_fix(
     )
     assert count == 1
     assert len(await dlq.read(settings)) == 2
+
+
+def test_forged_worker_headers_never_pass_for_the_workers_own() -> None:
+    letter = dlq.DeadLetter(
+        partition=0,
+        offset=7,
+        key=None,
+        value=b"FORGED",
+        headers=(
+            ("convstats.reason", b"unknown_user"),
+            ("convstats.source_topic", b"conversation-updated"),
+            ("convstats.reason", b"not_json"),
+            ("convstats.source_topic", b"message-created"),
+        ),
+    )
+
+    assert letter.meta("reason") == "not_json"
+    assert letter.meta("source_topic") == "message-created"
+    assert letter.original_headers == []

@@ -41,8 +41,13 @@ async def test_health_readiness_and_metrics_endpoints(
         running = asyncio.create_task(service.run(svc))
         while svc.consumer.tally.applied < 1:
             await asyncio.sleep(0.1)
+        # Ready once the broker has answered a lag probe, a moment after joining.
+        for _ in range(100):
+            ready = await _get(base + "/readyz")
+            if ready[0] == 200:
+                break
+            await asyncio.sleep(0.2)
         health = await _get(base + "/healthz")
-        ready = await _get(base + "/readyz")
         metrics = await _get(base + "/metrics")
         svc.stop.set()
         await running

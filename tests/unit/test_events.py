@@ -103,6 +103,10 @@ def test_each_required_field(field: str) -> None:
         ({"created_at": "yesterday"}, "invalid_timestamp"),
         ({"created_at": "2024-13-45T99:00:00Z"}, "invalid_timestamp"),
         ({"created_at": 1709285400}, "wrong_type"),
+        ({"created_at": "1709285400"}, "invalid_timestamp"),
+        ({"created_at": "2024-03-01T09:30Z"}, "invalid_timestamp"),
+        ({"created_at": "2024-02-30T09:30:00Z"}, "invalid_timestamp"),
+        ({"created_at": "2024-03-01_09:30:00Z"}, "invalid_timestamp"),
         ({"created_at": "2026-01-01T00:10:00Z"}, "timestamp_in_future"),
         ({"context_data": [1, 2]}, "invalid_context_data"),
         ({"context_data": "{}"}, "invalid_context_data"),
@@ -128,6 +132,8 @@ def test_clock_skew_inside_the_limit_is_accepted() -> None:
         "2024-03-01T11:30:00+02:00",
         "2024-03-01T04:00:00-05:30",
         "2024-03-01T09:30:00.000000+00:00",
+        "2024-03-01T09:30:00.000000999Z",
+        "2024-03-01t09:30:00z",
     ],
 )
 def test_any_offset_gives_the_same_instant_and_fingerprint(created_at: str) -> None:

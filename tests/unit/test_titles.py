@@ -20,6 +20,10 @@ from worker import titles
         ("many \n\t\r\n  spaces", "many spaces"),
         ("nul\x00byte", "nulbyte"),
         ("bell\x07and\x1bescape", "bellandescape"),
+        # Information separators are control characters, not Unicode whitespace.
+        ("a\x1cb\x1fc", "abc"),
+        ("next\x85line", "next line"),
+        ("ogham\u1680space", "ogham space"),
     ],
 )
 def test_normalise(content: str, expected: str) -> None:

@@ -9,7 +9,7 @@ FROM convstats_apply_messages_v1(
 )
 
 -- name: fetch_unpublished
-SELECT id, conversation_id, version, changed_fields, payload::text AS payload
+SELECT id, conversation_id, event_id, payload::text AS payload
 FROM convstats_outbox
 WHERE published_at IS NULL
 ORDER BY id
