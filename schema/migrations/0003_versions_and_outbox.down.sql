@@ -1,5 +1,6 @@
 DROP TRIGGER convstats_conversations_30_outbox ON conversations;
 DROP FUNCTION convstats_conversations_outbox();
+DROP FUNCTION convstats_outbox_write(conversations, text[]);
 DROP FUNCTION convstats_conversation_event(conversations, text[]);
 DROP TABLE convstats_outbox;
 DROP FUNCTION convstats_union(text[], text[]);

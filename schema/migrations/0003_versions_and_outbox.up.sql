@@ -97,26 +97,17 @@ LANGUAGE sql STABLE AS $$
     )
 $$;
 
--- SECURITY DEFINER: the application role changes conversations but must not be able
--- to write (or forge) outbox rows itself.
-CREATE FUNCTION convstats_conversations_outbox() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+-- Writes the outbox row of a change; changes of one conversation in one transaction
+-- fold into one row carrying the newest state and every field any of them touched.
+CREATE FUNCTION convstats_outbox_write(p_row conversations, p_changed text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
-    v_changed text[];
-    v_event jsonb;
+    v_event jsonb := convstats_conversation_event(p_row, p_changed);
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        v_changed := convstats_changed_fields(NULL, NEW);
-    ELSIF NEW.version = OLD.version THEN
-        RETURN NULL;
-    ELSE
-        v_changed := convstats_changed_fields(OLD, NEW);
-    END IF;
-
-    v_event := convstats_conversation_event(NEW, v_changed);
     INSERT INTO convstats_outbox AS o
         (conversation_id, version, event_id, changed_fields, payload)
-    VALUES (NEW.id, NEW.version, (v_event ->> 'event_id')::uuid, v_changed, v_event)
+    VALUES (p_row.id, p_row.version, (v_event ->> 'event_id')::uuid, p_changed, v_event)
     ON CONFLICT ON CONSTRAINT convstats_outbox_conversation_xact_key DO UPDATE
     SET version = EXCLUDED.version,
         event_id = EXCLUDED.event_id,
@@ -129,6 +120,19 @@ BEGIN
     -- Identical notifications within a transaction are folded into one by
     -- PostgreSQL, so this costs one wake-up per commit, not one per row.
     PERFORM pg_notify('convstats_outbox', '');
+END;
+$$;
+
+-- SECURITY DEFINER: the application role changes conversations but must not be able
+-- to write (or forge) outbox rows itself.
+CREATE FUNCTION convstats_conversations_outbox() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM convstats_outbox_write(NEW, convstats_changed_fields(NULL, NEW));
+    ELSIF NEW.version <> OLD.version THEN
+        PERFORM convstats_outbox_write(NEW, convstats_changed_fields(OLD, NEW));
+    END IF;
     RETURN NULL;
 END;
 $$;

@@ -401,3 +401,27 @@ async def test_a_parked_record_keeps_odd_headers_and_is_applied_later(
     assert parking._record(rows[0]).headers == headers
     assert (await _row(pool, c))["message_count"] == 1
     assert dead_letters.sent == []
+
+
+async def test_a_hard_delete_is_published_and_a_comeback_continues_its_versions(
+    pipe: pipeline.Pipeline, pool: asyncpg.Pool
+) -> None:
+    c = uuid.uuid4()
+    first = support.event(c, USER, seconds=0)
+    await _apply(pipe, first, support.event(c, USER, seconds=1))
+    before = (await _row(pool, c))["version"]
+
+    await pool.execute("DELETE FROM conversations WHERE id = $1", c)
+    await _apply(pipe, first)
+
+    published = await pool.fetch(
+        "SELECT version, event_id, payload->>'status' AS status FROM convstats_outbox"
+        " WHERE conversation_id = $1 ORDER BY id",
+        c,
+    )
+    versions = [row["version"] for row in published]
+    assert published[-2]["status"] == "deleted"
+    assert published[-2]["version"] == before + 1
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert len({row["event_id"] for row in published}) == len(published)
+    assert (await _row(pool, c))["message_count"] == 1

@@ -1,0 +1,5 @@
+DROP TRIGGER convstats_conversations_05_resume_version ON conversations;
+DROP FUNCTION convstats_conversations_resume_version();
+DROP TRIGGER convstats_conversations_40_deleted ON conversations;
+DROP FUNCTION convstats_conversations_deleted();
+DROP TABLE convstats_deleted_conversations;
