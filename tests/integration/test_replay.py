@@ -92,8 +92,11 @@ async def test_replay_restores_a_conversation_the_database_lost(
     assert (summary.applied, summary.conversations_changed) == (2, 1)
     for field in ("message_count", "last_message_at", "title", "created_at"):
         assert restored[field] == before[field], field
-    # Nothing else runs here, so the replay's own relay published the change.
-    assert await _published(settings) == published_before + 1
+    # Nothing else runs here, so the replay's own relay published both changes:
+    # the deletion (status deleted) and the restored conversation, which continues
+    # the deleted one's versions.
+    assert await _published(settings) == published_before + 2
+    assert restored["version"] > before["version"] + 1
 
 
 async def test_replay_start_positions(
